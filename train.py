@@ -63,26 +63,26 @@ def opt(default, text):
 @dataclass
 class Config:
     # algorithm: preset and the switches it fills in
-    algo: str = opt("gcpo", "preset: grpo | seed_grpo | gcpo")
-    signal: str = opt("", "uncertainty signal: none | token | predictive | semantic | geometric (empty: from --algo)")
-    calibration: str = opt("", "none | reward: multiply the signal by 1 - kappa (empty: from --algo)")
-    weight_rule: str = opt("linear", "prompt weight f(U): linear | exp | reciprocal")
+    algo: str = opt("gcpo", "preset: grpo, seed_grpo, gcpo")
+    signal: str = opt("", "uncertainty signal: none, token, predictive, semantic, geometric (empty: from --algo)")
+    calibration: str = opt("", "none, reward: multiply the signal by 1 - kappa (empty: from --algo)")
+    weight_rule: str = opt("linear", "prompt weight f(U): linear, exp, reciprocal")
     alpha: float = opt(1.0, "strength of the weight rule, typically 0.5-2")
     w_min: float = opt(0.0, "floor of the prompt weight, 0-1")
     rescale: bool = opt(True, "rescale weights to mean 1 over groups with reward spread")
     tau: float = opt(0.5, "RBF kernel bandwidth on the sphere, typically 0.1-1")
-    kernel: str = opt("rbf", "rbf | cosine (cosine ignores the sign of a cosine)")
+    kernel: str = opt("rbf", "rbf, cosine (cosine ignores the sign of a cosine)")
     center_embeddings: bool = opt(False, "centre embeddings on a running mean before the kernel")
-    unparsed: str = opt("singleton", "semantic clusters of unparsable answers: singleton | shared")
-    semantic_weighting: str = opt("discrete", "semantic entropy estimator: discrete | likelihood")
-    adv_scale: str = opt("group", "advantage scale: group (divide by sample std) | none (Dr. GRPO)")
+    unparsed: str = opt("singleton", "semantic clusters of unparsable answers: singleton, shared")
+    semantic_weighting: str = opt("discrete", "semantic entropy estimator: discrete, likelihood")
+    adv_scale: str = opt("group", "advantage scale: group (divide by sample std), none (Dr. GRPO)")
     adv_eps: float = opt(1e-4, "added to the group std before dividing")
     eps_low: float = opt(0.2, "lower clip range of the ratio")
     eps_high: float = opt(0.2, "upper clip range of the ratio")
-    agg: str = opt("token_mean", "loss aggregation: token_mean | seq_mean_token_mean | seq_sum_constant")
+    agg: str = opt("token_mean", "loss aggregation: token_mean, seq_mean_token_mean, seq_sum_constant")
     beta: float = opt(0.0, "k3 KL coefficient to a frozen reference model; 0 loads no reference")
     # data and models
-    task: str = opt("arithmetic", "arithmetic | gsm8k | math500 (the latter two from the hub)")
+    task: str = opt("arithmetic", "arithmetic, gsm8k, math500 (the latter two from the hub)")
     data: str = opt("", "local JSONL training file; overrides --task's data, keeps its prompt template")
     eval_data: str = opt("", "local JSONL held-out file for evaluation")
     question_field: str = opt("question", "JSONL field with the question")
@@ -91,12 +91,14 @@ class Config:
     encoder: str = opt("all-MiniLM-L6-v2", "sentence encoder: hub id, local folder, the packaged default, or 'tiny'")
     # sampling
     steps: int = opt(20, "training steps (one batch of prompts each)")
-    prompts_per_step: int = opt(8, "B, prompts per step")
+    # the sampling and optimisation defaults are sized so the 135M default policy trains in minutes
+    # on a CPU; on a GPU raise B, G, max_new_tokens and lower lr for larger models
+    prompts_per_step: int = opt(4, "B, prompts per step")
     group_size: int = opt(8, "G, responses sampled per prompt, >= 2")
-    max_new_tokens: int = opt(64, "response length limit in tokens")
-    temperature: float = opt(1.0, "sampling temperature; log-probs use the same temperature")
+    max_new_tokens: int = opt(32, "response length limit in tokens")
+    temperature: float = opt(0.7, "sampling temperature; log-probs use the same temperature")
     # optimisation
-    lr: float = opt(1e-5, "AdamW learning rate (constant)")
+    lr: float = opt(2e-5, "AdamW learning rate (constant)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     mu: int = opt(1, "optimizer steps per batch; > 1 stores old log-probs from a scoring pass")
     micro_batch: int = opt(16, "responses per forward/backward chunk; must divide B*G")
@@ -390,7 +392,13 @@ def train(cfg):
                 share = (mask[sl].sum() / n_tokens).item() if cfg.agg == "token_mean" else cfg.micro_batch / N
                 (loss * share).backward()
                 for k, v in m.items():
-                    loss_m[k] = loss_m.get(k, 0.0) + v * share
+                    if k == "tokens":
+                        loss_m[k] = loss_m.get(k, 0) + v
+                    elif k in ("ratio_max", "ratio_min"):
+                        pick = max if k == "ratio_max" else min
+                        loss_m[k] = pick(loss_m.get(k, v), v)
+                    else:
+                        loss_m[k] = loss_m.get(k, 0.0) + v * share
                 entropy_sum += (ent * ro.completion_mask[sl]).sum().item()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
             optimizer.step()
