@@ -14,8 +14,8 @@ per-prompt uncertainty u comes from uncertainty.py.
 
 Shape legend: B prompts, G responses per prompt, N = B*G responses, T response tokens.
 
-Departures from the paper and simplifications (its full text was not available;
-each choice is an argument):
+Departures from the GCPO paper (Zhang et al., 2026, known here only from its
+abstract) and simplifications. Each choice is an argument:
 1. The advantage divides by the sample standard deviation (ddof = 1) plus eps, as
    the original GRPO code does; scale="none" drops the division (Dr. GRPO).
 2. The weight rules (linear, exponential, reciprocal) and the optional rescaling to

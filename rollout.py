@@ -206,8 +206,9 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
         if with_entropy:
             with torch.no_grad():
                 # H = -sum_v p_v log p_v, where entr(0) = 0, so a -inf logit gives no NaN.
+                # entr writes over probs, so the entropy needs one (n, T, V) temporary, not two.
                 probs = scaled.softmax(dim=-1)                                             # (n, T, V)
-                entropy_chunks.append(torch.special.entr(probs).sum(dim=-1))               # (n, T)
+                entropy_chunks.append(torch.special.entr(probs, out=probs).sum(dim=-1))    # (n, T)
                 del probs
 
     # masked_fill, not a product, because a -inf log-prob times 0 is NaN.

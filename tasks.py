@@ -267,12 +267,15 @@ def _timeout() -> int | None:
     return TIMEOUT_SECONDS if threading.current_thread() is threading.main_thread() else None
 
 
+@lru_cache(maxsize=4096)
 def extract_answer(text: str) -> list | None:
     """Parse the final answer of a completion with math-verify, or return None if there is none.
 
     The list contains the parsed sympy expression, the form that `verify` and
     `answers_equivalent` compare. A match that sympy cannot convert counts as no
-    answer, because math-verify would compare only its raw text.
+    answer, because math-verify would compare only its raw text. Results are cached
+    by text, because train.py grades each response and then clusters the same texts
+    for semantic entropy, so callers must not modify the returned list.
     """
     parsed = parse(text, extraction_config=EXTRACTION, fallback_mode="no_fallback", parsing_timeout=_timeout())
     return parsed or None

@@ -14,8 +14,9 @@ calibration. The README has a table that maps each label to its function.
 Shape legend: B prompts, G responses per prompt, T response tokens, V vocabulary,
 D embedding size. A leading "..." means "any batch dimensions".
 
-Departures from the paper and simplifications (the paper's full text was not
-available; these are this project's formulation, each switchable by argument):
+Departures from the GCPO paper (Zhang et al., 2026, known here only from its
+abstract) and simplifications. These are this project's formulation, each
+switchable by argument:
 1. The geometric signal is the von Neumann entropy of an RBF kernel on the unit
    sphere, K_ij = exp((cos_ij - 1) / tau), i.e. Kernel Language Entropy on sentence
    embeddings. The kernel and its bandwidth tau are this project's choice.
@@ -196,7 +197,7 @@ def reward_explained_share(K, rewards, tol=1e-6):
     defined = (AA > 0) & (T > tol)
     denom = torch.where(defined, G * AA * T, torch.ones_like(T))
     kappa = torch.where(defined, AKA / denom, torch.zeros_like(T))
-    # clamp only absorbs rounding: the bound above holds exactly in real arithmetic
+    # the clamp only absorbs rounding, because the bound above is exact in real arithmetic
     return kappa.clamp(0.0, 1.0)                                          # (...)
 
 
