@@ -10,6 +10,7 @@ import pytest
 import scipy.stats
 import torch
 
+import diagnostic
 import eval as evaluation
 import models
 import tasks
@@ -92,22 +93,22 @@ def test_score_dispersion_hand_values():
     same = torch.tensor([[1.0, 0.0], [2.0, 0.0]], dtype=torch.float64)
     orthogonal = torch.tensor([[1.0, 0.0], [0.0, 3.0]], dtype=torch.float64)
     opposite = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
-    assert evaluation.score_dispersion(same) == pytest.approx(0.0)
-    assert evaluation.score_dispersion(orthogonal) == pytest.approx(1.0)
-    assert evaluation.score_dispersion(opposite) == pytest.approx(2.0)
+    assert diagnostic.score_dispersion(same) == pytest.approx(0.0)
+    assert diagnostic.score_dispersion(orthogonal) == pytest.approx(1.0)
+    assert diagnostic.score_dispersion(opposite) == pytest.approx(2.0)
 
 
 def test_gradient_noise_hand_value():
     s = torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
     # v = [[2, 0], [0, 0]], g = [1, 0], |v_i - g|^2 = 1 and 1, so noise = 1 / |g|^2 = 1
-    assert evaluation.relative_gradient_noise(s, torch.tensor([1.0, 1.0])) == pytest.approx(1.0)
+    assert diagnostic.relative_gradient_noise(s, torch.tensor([1.0, 1.0])) == pytest.approx(1.0)
     # v = [[2, 0], [0, 0]] scaled by 3: the ratio does not depend on the advantage scale
-    assert evaluation.relative_gradient_noise(s, torch.tensor([3.0, 3.0])) == pytest.approx(1.0)
+    assert diagnostic.relative_gradient_noise(s, torch.tensor([3.0, 3.0])) == pytest.approx(1.0)
 
 
 def test_gradient_noise_undefined_when_mean_is_zero():
     s = torch.tensor([[1.0, 2.0], [1.0, 2.0]], dtype=torch.float64)
-    assert evaluation.relative_gradient_noise(s, torch.tensor([1.0, -1.0])) is None
+    assert diagnostic.relative_gradient_noise(s, torch.tensor([1.0, -1.0])) is None
 
 
 def test_score_directions_match_batched_forward(tiny_lm):
@@ -118,10 +119,10 @@ def test_score_directions_match_batched_forward(tiny_lm):
     torch.manual_seed(0)
     ro = rollout.generate_groups(model, tokenizer, prompts, 3, 8)
     batched_logp, batched_entropy = ro.logp.clone(), ro.entropy.clone()
-    names, params = evaluation.select_params(model, evaluation.DEFAULT_PARAMS)
+    names, params = diagnostic.select_params(model, diagnostic.DEFAULT_PARAMS)
     ro.logp.zero_()
     ro.entropy.zero_()
-    s = evaluation.score_directions(model, params, ro, range(3), 1.0)
+    s = diagnostic.score_directions(model, params, ro, range(3), 1.0)
     assert torch.allclose(ro.logp, batched_logp, atol=1e-5)
     assert torch.allclose(ro.entropy, batched_entropy, atol=1e-5)
     # s_1 against the gradient of response 1's summed log-prob taken from the batched, padded forward
@@ -135,11 +136,11 @@ def test_score_directions_match_batched_forward(tiny_lm):
 def test_spearman_with_ties_matches_scipy():
     x = np.array([1.0, 2.0, 2.0, 3.0, 5.0, 5.0])
     y = np.array([2.0, 1.0, 4.0, 4.0, 6.0, 3.0])
-    assert float(evaluation.spearman(x, y)) == pytest.approx(scipy.stats.spearmanr(x, y).statistic)
+    assert float(diagnostic.spearman(x, y)) == pytest.approx(scipy.stats.spearmanr(x, y).statistic)
 
 
 def test_spearman_of_constant_signal_is_null_with_note():
-    out = evaluation.spearman_with_interval([0.5, 0.5, 0.5, 0.5], [1.0, 2.0, 3.0, 4.0])
+    out = diagnostic.spearman_with_interval([0.5, 0.5, 0.5, 0.5], [1.0, 2.0, 3.0, 4.0])
     assert out["rho"] is None
     assert out["ci95"] is None
     assert "constant" in out["note"]
@@ -148,7 +149,7 @@ def test_spearman_of_constant_signal_is_null_with_note():
 def test_spearman_interval_contains_rho():
     rng = np.random.default_rng(0)
     x = rng.normal(size=30)
-    out = evaluation.spearman_with_interval(x, x + rng.normal(size=30))
+    out = diagnostic.spearman_with_interval(x, x + rng.normal(size=30))
     assert out["ci95"][0] <= out["rho"] <= out["ci95"][1]
     assert out["groups"] == 30
 
