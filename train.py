@@ -109,7 +109,7 @@ class Config:
     resume: bool = opt(False, "continue from OUT/checkpoint with the same data order and RNG state")
     eval_items: int = opt(100, "held-out items for greedy accuracy at the start and end (0: off)")
     eval_every: int = opt(0, "also evaluate every N steps (0: only start and end)")
-    save_every: int = opt(10, "checkpoint every N steps (and at the end)")
+    save_every: int = opt(10, "checkpoint every N steps (and at the end), >= 1")
     sample_every: int = opt(5, "print one sampled completion every N steps")
     log_signals: bool = opt(True, "compute and log every uncertainty signal, not only the one in use")
 
@@ -125,6 +125,14 @@ def resolve(cfg):
         raise ValueError(f"unknown --signal {cfg.signal!r}; use one of {SIGNALS}")
     if cfg.calibration not in ("none", "reward"):
         raise ValueError(f"unknown --calibration {cfg.calibration!r}; use none or reward")
+    choices = {"weight_rule": ("linear", "exp", "reciprocal"), "agg": gcpo.AGGREGATIONS,
+               "kernel": ("rbf", "cosine"), "adv_scale": ("group", "none"),
+               "unparsed": ("singleton", "shared"), "semantic_weighting": ("discrete", "likelihood")}
+    for name, valid in choices.items():
+        if getattr(cfg, name) not in valid:
+            raise ValueError(f"invalid --{name.replace('_', '-')} {getattr(cfg, name)!r}; use one of {list(valid)}")
+    if cfg.save_every < 1:
+        raise ValueError(f"--save-every must be >= 1, got {cfg.save_every}")
     if cfg.group_size < 2:
         raise ValueError(f"--group-size must be >= 2 for group-relative advantages, got {cfg.group_size}")
     n = cfg.prompts_per_step * cfg.group_size
@@ -259,13 +267,16 @@ def prompt_uncertainty(cfg, signals, B):
 
 def train(cfg):
     if not cfg.resume and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
-        raise FileExistsError(f"{cfg.out} already contains a run; pass --resume to continue it, "
-                              f"or choose another --out (nothing was overwritten)")
+        if os.path.exists(os.path.join(cfg.out, "checkpoint")):
+            raise FileExistsError(f"{cfg.out} already contains a run; pass --resume to continue it, "
+                                  f"or choose another --out (nothing was overwritten)")
+        raise FileExistsError(f"{cfg.out} contains a run that stopped before its first checkpoint, so it "
+                              f"cannot be resumed; choose another --out, or delete {cfg.out} to start over "
+                              f"(nothing was overwritten)")
     os.makedirs(cfg.out, exist_ok=True)
     print(json.dumps(dataclasses.asdict(cfg), indent=1))
     with open(os.path.join(cfg.out, "config.json"), "w") as fh:
         json.dump(dataclasses.asdict(cfg), fh, indent=1)
-    seed_all(cfg.seed)
     device = pick_device()
     dtype = pick_dtype(device)
 
@@ -295,6 +306,9 @@ def train(cfg):
     # bench/hotspots.py measures it 3.5x faster than the default per-tensor loop on a CPU.
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type in ("cuda", "cpu"))
+    # seeded after loading, because the first load converts the packaged model and draws
+    # from torch's RNG, which would make a first run differ from every later one
+    seed_all(cfg.seed)
     if state:
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
@@ -452,13 +466,14 @@ def train(cfg):
 
 
 def keep_metrics(path, step):
-    """Drop metric rows after `step`, so a resumed run does not log a step twice."""
-    if not os.path.exists(path):
-        return
-    with open(path) as fh:
-        rows = [line for line in fh if json.loads(line).get("step", 0) <= step]
-    with open(path, "w") as fh:
-        fh.writelines(rows)
+    """Drop metric and sample rows after `step`, so a resumed run does not log a step twice."""
+    for p in (path, os.path.join(os.path.dirname(path), "samples.jsonl")):
+        if not os.path.exists(p):
+            continue
+        with open(p) as fh:
+            rows = [line for line in fh if json.loads(line).get("step", 0) <= step]
+        with open(p, "w") as fh:
+            fh.writelines(rows)
 
 
 def log_eval(cfg, model, tok, items, step, metrics_path):

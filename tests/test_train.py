@@ -112,3 +112,18 @@ def test_existing_run_not_overwritten(tmp_path):
 def test_resume_without_checkpoint_is_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train.train(tiny_config(tmp_path, resume=True))
+
+
+def test_invalid_choice_rejected_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="invalid --weight-rule 'lineer'"):
+        tiny_config(tmp_path, weight_rule="lineer")
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_without_checkpoint_names_the_way_out(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(FileExistsError, match="stopped before its first checkpoint"):
+        train.train(tiny_config(tmp_path, steps=1))
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
