@@ -76,8 +76,8 @@ def uncertainty_weight(u, rule="linear", alpha=1.0, w_min=0.0, rescale_over=None
     Per-prompt weight from per-prompt uncertainty u in [0, 1]: (B,) -> (B,), detached.
 
     rule "linear": max(w_min, 1 - alpha u); "exp": exp(-alpha u); "reciprocal": 1 / (1 + alpha u).
-    w_min floors every rule. rescale_over: optional (B,) bool mask, usually
-    has_reward_spread(rewards); the weights are then divided by their mean over those
+    w_min floors every rule. rescale_over is an optional (B,) bool mask, usually
+    has_reward_spread(rewards). The weights are then divided by their mean over those
     groups, so the weighting moves the update between prompts instead of shrinking it.
     """
     u = u.detach()  # the weight is a fixed coefficient of the update, never a path for gradients

@@ -206,7 +206,8 @@ def test_random_groups_stay_finite(B, G, T, equal, seed, scale, agg):
     assert torch.allclose(adv.sum(-1), torch.zeros(B), atol=1e-5)
     w = uncertainty_weight(torch.rand(B, generator=g), rule="exp", alpha=3.0,
                            rescale_over=has_reward_spread(rewards))
-    assert torch.isfinite(w).all() and (w >= 0).all()
+    assert torch.isfinite(w).all()
+    assert (w >= 0).all()
     logp = -20 * torch.rand(B * G, T, generator=g)          # log-probs down to -20
     logp_old = -20 * torch.rand(B * G, T, generator=g)      # ratios up to e^20
     mask = torch.rand(B * G, T, generator=g) > 0.4
@@ -214,4 +215,5 @@ def test_random_groups_stay_finite(B, G, T, equal, seed, scale, agg):
                         max_tokens=T, logp_ref=logp_old, beta=0.01)
     assert math.isfinite(loss.item())
     assert all(math.isfinite(v) for v in m.values())
-    assert 0.0 <= m["clip_frac_low"] <= 1.0 and 0.0 <= m["clip_frac_high"] <= 1.0
+    assert 0.0 <= m["clip_frac_low"] <= 1.0
+    assert 0.0 <= m["clip_frac_high"] <= 1.0

@@ -246,10 +246,12 @@ def test_random_groups_signals_in_range(B, G, D, seed, tau, dup, equal, f64):
     for x in (K, kappa, u, h):
         assert torch.isfinite(x).all()
     assert ((kappa >= 0) & (kappa <= 1)).all()
-    assert ((h >= 0) & (h <= 1)).all() and ((u >= 0) & (u <= h + 1e-6)).all()
+    assert ((h >= 0) & (h <= 1)).all()
+    assert ((u >= 0) & (u <= h + 1e-6)).all()
     ids = torch.randint(0, G, (B, G), generator=g)
     se = semantic_uncertainty(ids, torch.randn(B, G, generator=g) * 100)
-    assert torch.isfinite(se).all() and ((se >= 0) & (se <= 1)).all()
+    assert torch.isfinite(se).all()
+    assert ((se >= 0) & (se <= 1)).all()
 
 
 @settings(max_examples=40, deadline=None)
